@@ -35,7 +35,7 @@ def from_tree(ctor: Callable[[], nnx.Module], tree: dict, *, dtype=None) -> nnx.
   """
   abstract = nnx.eval_shape(ctor)
   graphdef, state = nnx.split(abstract)
-  want = {k: v for k, v in flatten(state.to_pure_dict()).items()}
+  want = flatten(nnx.to_pure_dict(state))
   got = flatten(tree)
   problems = [f"missing: {path_str(k)} {list(v.shape)}" for k, v in want.items() if k not in got]
   problems += [f"unexpected: {path_str(k)}" for k in got if k not in want]
@@ -50,13 +50,13 @@ def from_tree(ctor: Callable[[], nnx.Module], tree: dict, *, dtype=None) -> nnx.
       return x.astype(dtype)
     return x.astype(ref.dtype) if x.dtype.itemsize > 1 else x
 
-  state.replace_by_pure_dict(jax.tree.map(cast, tree, state.to_pure_dict()))
+  nnx.replace_by_pure_dict(state, jax.tree.map(cast, tree, nnx.to_pure_dict(state)))
   return nnx.merge(graphdef, state)
 
 
 def to_tree(module: nnx.Module) -> dict:
   """The module's parameters as a nested dict of arrays (what Orbax saves)."""
-  return nnx.state(module, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
 def count(tree: dict) -> int:
