@@ -84,27 +84,39 @@ def chunk_size_for(rows: int, num_experts: int) -> int:
 
 def grouped_ffn_segments(x: jax.Array, group_sizes: jax.Array, expert_weights: WeightFn, num_experts: int,
                          chunk: int | None = None) -> jax.Array:
-  """Rows of x are grouped by expert (contiguous, in expert order); applies each expert to its rows."""
+  """Rows of x are grouped by expert (contiguous, in expert order); applies each expert to its rows.
+
+  The work is a static-length schedule of tiles (expert e, `chunk` rows starting inside e's group): at most
+  ceil(M / chunk) + E tiles, of which only the first `sum(ceil(size_e / chunk))` are real; the rest are
+  skipped by `lax.cond`, so an idle expert costs neither FLOPs nor a read of its weights. Being a `scan` of
+  fixed length, it is reverse-differentiable (training) and usable inside `shard_map`.
+  """
   m, h = x.shape
   chunk = chunk or chunk_size_for(m, num_experts)
   offsets = jnp.cumsum(group_sizes) - group_sizes
+  tiles_per_expert = (group_sizes + chunk - 1) // chunk
+  tile_end = jnp.cumsum(tiles_per_expert)
+  num_tiles = -(-m // chunk) + num_experts  # static upper bound on the real tiles
+  tile_ids = jnp.arange(num_tiles, dtype=tile_end.dtype)
+  tile_expert = jnp.minimum(jnp.searchsorted(tile_end, tile_ids, side="right"), num_experts - 1)
+  tile_index = tile_ids - (tile_end - tiles_per_expert)[tile_expert]  # which chunk of its expert's group
   xp = jnp.pad(x, ((0, chunk), (0, 0)))  # slices near the end never clamp (which would shift rows)
-  out = jnp.zeros((m + chunk, h), x.dtype)
 
-  def expert_body(e, out):
-    start, size = offsets[e], group_sizes[e]
+  def step(out, tile):
+    t, e, c = tile
+    s = offsets[e] + c * chunk
+    rows = jax.lax.dynamic_slice_in_dim(xp, s, chunk)
+    valid = (c * chunk + jnp.arange(chunk)) < group_sizes[e]
 
-    def chunk_body(c, out):
-      s = start + c * chunk
-      rows = jax.lax.dynamic_slice_in_dim(xp, s, chunk)
+    def compute(out):
       y = _ffn(rows, *expert_weights(e)).astype(out.dtype)
-      valid = (c * chunk + jnp.arange(chunk)) < size
       prev = jax.lax.dynamic_slice_in_dim(out, s, chunk)
       return jax.lax.dynamic_update_slice_in_dim(out, jnp.where(valid[:, None], y, prev), s, axis=0)
 
-    return jax.lax.fori_loop(0, (size + chunk - 1) // chunk, chunk_body, out)
+    return jax.lax.cond(t < tile_end[-1], compute, lambda out: out, out), None
 
-  return jax.lax.fori_loop(0, num_experts, expert_body, out)[:m]
+  out, _ = jax.lax.scan(step, jnp.zeros_like(xp), (tile_ids, tile_expert, tile_index))
+  return out[:m]
 
 
 def default_impl() -> str:
