@@ -18,6 +18,7 @@ from flax import nnx
 
 from dsocr_jax.generate import kv_cache
 from dsocr_jax.generate.sampling import MAX_NGRAM_WINDOW, Sampled, SlotSampling, count_tokens, sample
+from dsocr_jax.model.attention import DECODE_BLOCK
 from dsocr_jax.model.projector import merge_embeddings
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,10 @@ class StepFunctions:
     self.dtype = dtype
     self.graphdef, self.params = nnx.split(decoder)
     self.traces: collections.Counter = collections.Counter()
-    self.cache = kv_cache.init_cache(self.cfg, slots, max_len, dtype)
+    # The cache length is rounded up to whole decode-attention blocks, so decode reads only live blocks
+    # (attention.decode_attention); the engine still stops every sequence at max_len.
+    cache_len = -(-max_len // DECODE_BLOCK) * DECODE_BLOCK
+    self.cache = kv_cache.init_cache(self.cfg, slots, cache_len, dtype)
     self.counts = jnp.zeros((slots, self.cfg.vocab_size), jnp.int32)
     self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1, 2))
     self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2))

@@ -41,6 +41,39 @@ def _write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
       cache, new, start)
 
 
+DECODE_BLOCK = 256
+
+
+def decode_attention(q, k_cache, v_cache, positions, scale, block: int = DECODE_BLOCK):
+  """One query per row over a cache, reading only the key blocks up to the highest live position.
+
+  q `[B,1,H,D]`, caches `[B,S,H,D]`, positions `[B,1]`. Attending over the whole preallocated cache would
+  read `max_len` keys per step however short the context; this loop (online softmax, float32) stops at
+  `max(positions) // block`. Blocks past a row's own position are fully masked and contribute exactly
+  zero, so a row's result does not depend on the other rows (batch invariance).
+  """
+  b, s, h, d = k_cache.shape
+  n_blocks = jnp.max(positions) // block + 1
+  qf = q.astype(jnp.float32)
+  neg = jnp.finfo(jnp.float32).min
+
+  def body(j, carry):
+    m, l, acc = carry
+    kb = jax.lax.dynamic_slice_in_dim(k_cache, j * block, block, axis=1).astype(jnp.float32)
+    vb = jax.lax.dynamic_slice_in_dim(v_cache, j * block, block, axis=1).astype(jnp.float32)
+    logits = jnp.einsum("bthd,bshd->bhts", qf, kb) * scale
+    key_pos = j * block + jnp.arange(block)
+    logits = jnp.where(key_pos[None, None, None, :] <= positions[:, None, :, None], logits, neg)
+    m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=True))
+    p = jnp.exp(logits - m_new)
+    corr = jnp.exp(m - m_new)
+    return m_new, l * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + jnp.einsum("bhts,bshd->bhtd", p, vb)
+
+  init = (jnp.full((b, h, 1, 1), neg), jnp.zeros((b, h, 1, 1)), jnp.zeros((b, h, 1, d)))
+  _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+  return (acc / l).transpose(0, 2, 1, 3).astype(q.dtype)
+
+
 def dot_product_attention(q, k, v, mask, scale):
   """q `[B,T,H,D]`, k/v `[B,S,H,D]`, mask `[B,T,S]` (True = attend). Softmax in float32."""
   logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
@@ -83,10 +116,13 @@ class Attention(nnx.Module):
       k_cache, v_cache = cache
       k_cache = _write(k_cache, k, positions[:, 0])
       v_cache = _write(v_cache, v, positions[:, 0])
+      new_cache = (k_cache, v_cache)
+      if t == 1 and k_cache.shape[1] % DECODE_BLOCK == 0:
+        out = decode_attention(q, k_cache, v_cache, positions, self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
       key_pos = jnp.arange(k.shape[1], dtype=positions.dtype)
       mask = key_pos[None, None, :] <= positions[:, :, None]
-      new_cache = (k_cache, v_cache)
 
     out = dot_product_attention(q, k, v, mask, self.head_dim ** -0.5)
     return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
