@@ -86,8 +86,9 @@ def grouped_ffn_segments(x: jax.Array, group_sizes: jax.Array, expert_weights: W
                          chunk: int | None = None) -> jax.Array:
   """Rows of x are grouped by expert (contiguous, in expert order); applies each expert to its rows.
 
-  The work is a static-length schedule of tiles (expert e, `chunk` rows starting inside e's group): at most
-  ceil(M / chunk) + E tiles, of which only the first `sum(ceil(size_e / chunk))` are real; the rest are
+  The work is a static-length schedule of tiles (expert e, `chunk` rows starting inside e's group). The real
+  tiles number sum_e ceil(size_e / chunk) <= floor(M / chunk) + min(E, M) (one partial tile per non-empty
+  expert at most), a static bound; schedule slots past the real tiles are
   skipped by `lax.cond`, so an idle expert costs neither FLOPs nor a read of its weights. Being a `scan` of
   fixed length, it is reverse-differentiable (training) and usable inside `shard_map`.
   """
@@ -96,7 +97,7 @@ def grouped_ffn_segments(x: jax.Array, group_sizes: jax.Array, expert_weights: W
   offsets = jnp.cumsum(group_sizes) - group_sizes
   tiles_per_expert = (group_sizes + chunk - 1) // chunk
   tile_end = jnp.cumsum(tiles_per_expert)
-  num_tiles = -(-m // chunk) + num_experts  # static upper bound on the real tiles
+  num_tiles = m // chunk + min(num_experts, m)  # static upper bound on the real tiles (see above)
   tile_ids = jnp.arange(num_tiles, dtype=tile_end.dtype)
   tile_expert = jnp.minimum(jnp.searchsorted(tile_end, tile_ids, side="right"), num_experts - 1)
   tile_index = tile_ids - (tile_end - tiles_per_expert)[tile_expert]  # which chunk of its expert's group
