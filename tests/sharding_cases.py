@@ -19,6 +19,7 @@ from flax import nnx
 
 from conftest import case_id, golden_cases
 from dsocr_jax import expert_parallel, sharding
+from dsocr_jax.generate import kv_cache
 from sharding_common import loss_grads, make_decoder, make_trainable_decoder, padded_batch
 
 MESHES = ["expert=8", "data=2,expert=4", "data=2,fsdp=2,expert=2"]
@@ -60,8 +61,7 @@ def _decode_step(model, tokens, positions, cache):
 def greedy(model, embeds, lengths, steps=GEN_STEPS) -> np.ndarray:
   cfg = model.cfg
   b, t, _ = embeds.shape
-  shape = (b, t + steps, cfg.num_key_value_heads, cfg.head_dim)
-  cache = [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+  cache = kv_cache.init_cache(cfg, b, t + steps, jnp.float32)
   tok, cache = _prefill(model, embeds, lengths, cache)
   out = [tok]
   for i in range(steps - 1):

@@ -1,4 +1,4 @@
-"""The serving KV cache: one preallocated `(k, v)` pair per layer, `[slots, max_len, kv_heads, head_dim]`.
+"""The serving KV cache: one preallocated `(k, v)` pair per layer, `[slots, kv_heads, max_len, head_dim]`.
 
 Cache index == absolute position (see `dsocr_jax.model.attention`). A slot is filled by a prefill that runs on a
 fresh bucket-sized cache of its own and is then copied into rows [0, bucket) of the slot; a decode step then
@@ -18,7 +18,7 @@ Cache = list[LayerCache]
 
 
 def cache_shape(cfg: DecoderConfig, slots: int, max_len: int) -> tuple[int, int, int, int]:
-  return (slots, max_len, cfg.num_key_value_heads, cfg.head_dim)
+  return (slots, cfg.num_key_value_heads, max_len, cfg.head_dim)  # heads first: see model/attention.py
 
 
 def cache_bytes(cfg: DecoderConfig, slots: int, max_len: int, dtype) -> int:
@@ -32,7 +32,7 @@ def init_cache(cfg: DecoderConfig, slots: int, max_len: int, dtype) -> Cache:
 
 
 def write_slot(cache: Cache, rows: Cache, slot: jax.Array) -> Cache:
-  """Copies `rows` (a one-slot cache `[1, L, ...]`, L <= max_len) into positions [0, L) of `slot`."""
+  """Copies `rows` (a one-slot cache `[1, H, L, D]`, L <= max_len) into positions [0, L) of `slot`."""
   def put(big, small):
     return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), (slot, 0, 0, 0))
   return [(put(k, rk), put(v, rv)) for (k, v), (rk, rv) in zip(cache, rows)]

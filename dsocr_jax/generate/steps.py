@@ -18,7 +18,6 @@ from flax import nnx
 
 from dsocr_jax.generate import kv_cache
 from dsocr_jax.generate.sampling import MAX_NGRAM_WINDOW, Sampled, SlotSampling, count_tokens, sample
-from dsocr_jax.model.attention import DECODE_BLOCK
 from dsocr_jax.model.projector import merge_embeddings
 
 log = logging.getLogger(__name__)
@@ -33,10 +32,7 @@ class StepFunctions:
     self.dtype = dtype
     self.graphdef, self.params = nnx.split(decoder)
     self.traces: collections.Counter = collections.Counter()
-    # The cache length is rounded up to whole decode-attention blocks, so decode reads only live blocks
-    # (attention.decode_attention); the engine still stops every sequence at max_len.
-    cache_len = -(-max_len // DECODE_BLOCK) * DECODE_BLOCK
-    self.cache = kv_cache.init_cache(self.cfg, slots, cache_len, dtype)
+    self.cache = kv_cache.init_cache(self.cfg, slots, max_len, dtype)
     self.counts = jnp.zeros((slots, self.cfg.vocab_size), jnp.int32)
     self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1, 2))
     self._decode = jax.jit(self._decode_impl, donate_argnums=(1, 2))
@@ -109,5 +105,5 @@ class StepFunctions:
     s = self.slots
     self.decode(np.zeros(s, np.int32), np.zeros(s, np.int32), SlotSampling.empty(s),
                 np.full((s, MAX_NGRAM_WINDOW), -1, np.int32), False)
-    log.info("compiled decode step: %d slots x 1 token, cache [%d layers, %d, %d, %d heads, %d]", s,
-             self.cfg.num_hidden_layers, s, self.max_len, self.cfg.num_key_value_heads, self.cfg.head_dim)
+    log.info("compiled decode step: %d slots x 1 token, cache [%d layers, %d slots, %d heads, %d positions, %d]", s,
+             self.cfg.num_hidden_layers, s, self.cfg.num_key_value_heads, self.max_len, self.cfg.head_dim)

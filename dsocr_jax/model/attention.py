@@ -1,7 +1,10 @@
 """Decoder self-attention: plain multi-head attention with rotate-half RoPE and an optional KV cache (spec 3).
 
-The KV cache of one layer is a pair `(k, v)` of `[batch, max_len, kv_heads, head_dim]` arrays in which cache
-index == absolute position. A call writes its new keys/values at `positions[:, 0]` onwards and then attends
+The KV cache of one layer is a pair `(k, v)` of `[batch, kv_heads, max_len, head_dim]` arrays in which cache
+index == absolute position. Heads come before positions so that each (row, head) is one contiguous
+`[max_len, head_dim]` block: a decode step is then a plain batched matrix-vector product over the cache (measured
+on XLA-CPU at batch 8, 1024 positions: 5.8 ms per layer, against 17-39 ms with positions first, whose batched
+einsum needs transposed copies). A call writes its new keys/values at `positions[:, 0]` onwards and then attends
 over the whole cache with the mask `key_index <= query_position`, so a prefill (many tokens) and a decode step
 (one token per slot, each slot at its own position) are the same code. Padded tokens of a prefill bucket write
 garbage beyond the prompt; a later decode step overwrites each such entry before any query can see it.
@@ -36,50 +39,17 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """Writes new[b] into cache[b, start[b]:start[b]+T] for every row b."""
-  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0))(
-      cache, new, start)
-
-
-DECODE_BLOCK = 256
-
-
-def decode_attention(q, k_cache, v_cache, positions, scale, block: int = DECODE_BLOCK):
-  """One query per row over a cache, reading only the key blocks up to the highest live position.
-
-  q `[B,1,H,D]`, caches `[B,S,H,D]`, positions `[B,1]`. Attending over the whole preallocated cache would
-  read `max_len` keys per step however short the context; this loop (online softmax, float32) stops at
-  `max(positions) // block`. Blocks past a row's own position are fully masked and contribute exactly
-  zero, so a row's result does not depend on the other rows (batch invariance).
-  """
-  b, s, h, d = k_cache.shape
-  n_blocks = jnp.max(positions) // block + 1
-  qf = q.astype(jnp.float32)
-  neg = jnp.finfo(jnp.float32).min
-
-  def body(j, carry):
-    m, l, acc = carry
-    kb = jax.lax.dynamic_slice_in_dim(k_cache, j * block, block, axis=1).astype(jnp.float32)
-    vb = jax.lax.dynamic_slice_in_dim(v_cache, j * block, block, axis=1).astype(jnp.float32)
-    logits = jnp.einsum("bthd,bshd->bhts", qf, kb) * scale
-    key_pos = j * block + jnp.arange(block)
-    logits = jnp.where(key_pos[None, None, None, :] <= positions[:, None, :, None], logits, neg)
-    m_new = jnp.maximum(m, jnp.max(logits, axis=-1, keepdims=True))
-    p = jnp.exp(logits - m_new)
-    corr = jnp.exp(m - m_new)
-    return m_new, l * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + jnp.einsum("bhts,bshd->bhtd", p, vb)
-
-  init = (jnp.full((b, h, 1, 1), neg), jnp.zeros((b, h, 1, 1)), jnp.zeros((b, h, 1, d)))
-  _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-  return (acc / l).transpose(0, 2, 1, 3).astype(q.dtype)
+  """Writes new[b] (`[T, H, D]`) into cache[b, :, start[b]:start[b]+T] for every row b."""
+  return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype).swapaxes(0, 1), s,
+                                                                       axis=1))(cache, new, start)
 
 
 def dot_product_attention(q, k, v, mask, scale):
-  """q `[B,T,H,D]`, k/v `[B,S,H,D]`, mask `[B,T,S]` (True = attend). Softmax in float32."""
-  logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+  """q `[B,T,H,D]`, k/v `[B,H,S,D]` (the cache layout), mask `[B,T,S]` (True = attend). Softmax in float32."""
+  logits = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhts,bshd->bthd", probs, v)
+  return jnp.einsum("bhts,bhsd->bthd", probs, v)
 
 
 class Attention(nnx.Module):
@@ -107,8 +77,8 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     if cache is None:
-      key_pos = positions
-      mask = key_pos[:, None, :] <= positions[:, :, None]
+      k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+      mask = positions[:, None, :] <= positions[:, :, None]
       if valid is not None:
         mask = mask & valid[:, None, :]
       new_cache = None
@@ -117,11 +87,8 @@ class Attention(nnx.Module):
       k_cache = _write(k_cache, k, positions[:, 0])
       v_cache = _write(v_cache, v, positions[:, 0])
       new_cache = (k_cache, v_cache)
-      if t == 1 and k_cache.shape[1] % DECODE_BLOCK == 0:
-        out = decode_attention(q, k_cache, v_cache, positions, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_cache
       k, v = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-      key_pos = jnp.arange(k.shape[1], dtype=positions.dtype)
+      key_pos = jnp.arange(k.shape[2], dtype=positions.dtype)
       mask = key_pos[None, None, :] <= positions[:, :, None]
 
     out = dot_product_attention(q, k, v, mask, self.head_dim ** -0.5)
