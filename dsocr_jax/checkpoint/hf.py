@@ -11,6 +11,7 @@ for the FP8 serving path, kept as e4m3 with its scale grid laid out like our `[i
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import os
@@ -52,27 +53,30 @@ def fp8_settings(quant: dict, strict_scales: bool = True) -> FP8Settings:
   return FP8Settings(scale_fmt=quant.get("scale_fmt"), strict_scales=strict_scales)
 
 
-class TensorSource:
+class TensorSource(abc.ABC):
   """name -> tensor mapping; subclasses provide `names`, `shape`, `dtype`, `raw` and `location`."""
 
   fp8: FP8Settings = FP8Settings()
 
+  @abc.abstractmethod
   def names(self) -> list[str]:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def shape(self, name: str) -> tuple[int, ...]:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def dtype(self, name: str) -> np.dtype:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def raw(self, name: str) -> np.ndarray:
     """The stored tensor as an owned numpy array."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def location(self, name: str) -> str:
     """The file holding `name` (for error messages)."""
-    raise NotImplementedError
 
   def nbytes(self, name: str) -> int:
     return int(np.prod(self.shape(name), dtype=np.int64)) * self.dtype(name).itemsize
