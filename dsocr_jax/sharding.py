@@ -250,8 +250,7 @@ def distribute(model: nnx.Module, mesh: Mesh, *, capacity_factor: float | None =
                rules: Rules = DEFAULT_RULES) -> nnx.Module:
   """Shards the parameters and, where the mesh has an `expert` axis, turns on expert parallelism.
 
-  `impl` picks the local grouped FFN ('segments' | 'ragged', default per backend); training on CPU needs
-  'ragged' (the segment loop has a dynamic trip count, which reverse-mode autodiff rejects).
+  `impl` picks the local grouped FFN ('segments' | 'ragged', default per backend); both are differentiable.
   """
   from dsocr_jax import expert_parallel
   shard_module(model, mesh, rules)

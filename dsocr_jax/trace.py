@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsocr_jax import sharding
 from dsocr_jax.config import MODES
 from dsocr_jax.generate.kv_cache import init_cache
 from dsocr_jax.model.ocr import DeepseekOCR, encode_image
@@ -127,9 +128,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--gen", type=int, default=0, help="greedy tokens to generate (writes gen_ids)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--out", required=True, help="output .npz file")
+  sharding.add_mesh_argument(p)
   args = p.parse_args(argv)
   if args.gen < 0:
     p.error(f"argument --gen: must be >= 0, got {args.gen}")
+  args.device_mesh = sharding.mesh_from_args(args, p) if args.mesh else None
   if not os.path.isdir(args.checkpoint):
     p.error(f"argument --checkpoint: {args.checkpoint} is not a directory")
   for path in args.image:
@@ -163,6 +166,8 @@ def run(args: argparse.Namespace) -> dict[str, np.ndarray]:
   images = [preprocess(open_image(path), args.mode, max_crops=args.max_crops) for path in args.image]
   tokenizer = Tokenizer.from_checkpoint(args.checkpoint)
   loaded = load_model(args.checkpoint, dtype=jnp.dtype(args.dtype))
+  if args.device_mesh is not None:  # parameters sharded by the logical-axis rules, experts over `expert`
+    sharding.distribute(loaded.model, args.device_mesh)
   prompt = build_prompt(args.prompt, images, tokenizer)
   views = [(im.global_view, im.tiles, im.spatial_crop) for im in images]
   arrays = trace_arrays(loaded.model, prompt.input_ids, prompt.images_seq_mask, views, gen=args.gen)

@@ -20,8 +20,10 @@ FLOAT_KEYS = ["sam_global", "clip_global", "proj_global", "image_features", "inp
 EXACT_KEYS = ["input_ids", "images_seq_mask", "images_spatial_crop", "gen_ids"]
 
 
-def _run(*args):
+def _run(*args, devices: int = 1):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return subprocess.run([sys.executable, "-m", "dsocr_jax.trace", *args], capture_output=True, text=True,
                         cwd=REPO, env=env, timeout=600)
 
@@ -31,14 +33,16 @@ def _case_args(case):
           "--prompt", str(case["prompt"]), "--mode", str(case["mode"]), "--max-crops", str(int(case["max_crops"]))]
 
 
-@pytest.fixture(scope="module")
-def cli_trace(tmp_path_factory):
+@pytest.fixture(scope="module", params=[None, "expert=4"], ids=["one-device", "mesh-expert4"])
+def cli_trace(request, tmp_path_factory):
   paths = {case_id(p): p for p in golden_cases()}
   if CLI_CASE not in paths:
     pytest.fail(f"golden case {CLI_CASE} not found under {GOLDEN_DIR}/cases")
   case = np.load(paths[CLI_CASE])
   out = str(tmp_path_factory.mktemp("trace") / "trace.npz")
-  proc = _run(*_case_args(case), "--gen", str(case["gen_ids"].shape[0]), "--out", out)
+  mesh = ["--mesh", request.param] if request.param else []
+  proc = _run(*_case_args(case), "--gen", str(case["gen_ids"].shape[0]), "--out", out, *mesh,
+              devices=4 if request.param else 1)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return case, np.load(out)
 
